@@ -18,6 +18,7 @@ and optionally
     evaluate(model, data, cfg) -> dict of floats (the paper's metric)
     diagnostics(model) -> dict of floats, logged with the loss
     adapt_state_dict(state_dict, cfg) -> state_dict, for --init at another configuration (e.g. resolution)
+    INIT_FROM         other model names whose checkpoints --init accepts (e.g. ("vit",) for a ViT variant)
 Plain image classification (below) is the default for all four functions.
 
 Writes out/<model>-<data>/ckpt.pt (atomic), log.jsonl, results.json; the last stdout line is one JSON object.
@@ -239,7 +240,7 @@ def save_atomic(obj, path):
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, model_name):
+def load_checkpoint(path, model_name, also=()):
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
@@ -251,7 +252,7 @@ def load_checkpoint(path, model_name):
         raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UsageError(f"{path} is not a checkpoint written by train.py")
-    if ckpt.get("model_name") != model_name:
+    if ckpt.get("model_name") != model_name and ckpt.get("model_name") not in also:
         raise UsageError(f"checkpoint {path} is from model '{ckpt.get('model_name')}', not '{model_name}'")
     return ckpt
 
@@ -355,7 +356,7 @@ def main(argv=None):
     torch.manual_seed(hp["seed"])
     model = build_model(mod, cfg).to(device)
     if args.init and not ckpt:
-        init = load_checkpoint(args.init, args.model)
+        init = load_checkpoint(args.init, args.model, also=getattr(mod, "INIT_FROM", ()))
         sd = init["model"]
         if hasattr(mod, "adapt_state_dict"):
             sd = mod.adapt_state_dict(sd, cfg)
@@ -520,6 +521,7 @@ def main(argv=None):
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps(results), flush=True)
     if distributed:
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return results
 
