@@ -163,7 +163,7 @@ def main(argv=None):
 
     res = {"model": args.model, "preset": args.preset, "device": torch.cuda.get_device_name(device)
            if device.type == "cuda" else f"cpu x{torch.get_num_threads()}", "dtype": dtype, "compile": use_compile,
-           "batch_size": bs, "params": n_params, "gflops_per_step": round(flops / 1e9, 2)}
+           "batch_size": bs, "params": n_params, "gflops_per_step": round(flops / 1e9, 3), "flops_per_step": int(flops)}
     for k, ts in times.items():
         t = statistics.median(ts) / args.steps
         res[f"{k}_samples_per_s" if k != "ours" else "samples_per_s"] = round(bs / t, 1)

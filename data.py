@@ -52,6 +52,7 @@ class ImageData:
     x_test: torch.Tensor  # (M, H, W, C) uint8
     y_test: torch.Tensor  # (M,) int64
     classes: list[str]
+    augment: bool = True  # random crop + flip while training (off for shapes: its scenes are random already)
 
     @property
     def num_classes(self) -> int:
@@ -76,7 +77,7 @@ def load(name: str, kind: str = "images", image_size: int = 32, seed: int = 0) -
         x, y = shapes_classification(50_000, image_size, seed, split="train")
         xt, yt = shapes_classification(10_000, image_size, seed, split="test")
         t = torch.from_numpy
-        return ImageData("shapes", t(x), t(y), t(xt), t(yt), list(SHAPES))
+        return ImageData("shapes", t(x), t(y), t(xt), t(yt), list(SHAPES), augment=False)
     if name in SOURCES:
         return _load_cifar(name)
     if name.endswith(".npz"):

@@ -75,8 +75,9 @@ def batches(data, cfg, split, batch_size, step=0, seed=0):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         i = step % per_epoch
         idx = perm[i * batch_size:(i + 1) * batch_size].to(data.x_train.device)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
-        x = datasets.augment(data.x_train[idx], gen)
+        x = data.x_train[idx]
+        if data.augment:
+            x = datasets.augment(x, torch.Generator().manual_seed(seed * 1_000_003 + step + 1))
         yield {"image": _images(x, cfg), "label": data.y_train[idx]}
         step += 1
 
@@ -185,6 +186,8 @@ def parser():
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop + flip for image classification (default: the data's own choice)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 under torchrun")
     p.add_argument("--stop-after", type=int, default=None, help="stop (and checkpoint) after this many steps of this invocation")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -351,6 +354,8 @@ def main(argv=None):
             raise UsageError(f"data '{data_name}' has {data.x_train.shape[-1]} channels, the model expects {cfg.channels}")
         if data.num_classes > cfg.num_classes:
             raise UsageError(f"data '{data_name}' has {data.num_classes} classes, the model's head only {cfg.num_classes}")
+    if args.augment is not None:
+        data = dataclasses.replace(data, augment=args.augment)
     data = data.to(device)
 
     torch.manual_seed(hp["seed"])

@@ -17,7 +17,7 @@ def test_bench_reports_throughput_and_flops():
     assert a["samples_per_s"] > 0 and a["step_ms"] > 0 and a["peak_mem_mb"] > 0
     assert a["params"] == sum(p.numel() for p in __import__("vit").Model(__import__("vit").Config(
         width=32, depth=2, heads=2, mlp_dim=64, image_size=16, patch_size=4)).parameters())
-    assert 1.9 < b["gflops_per_step"] / a["gflops_per_step"] < 2.1  # FLOPs of a step are linear in the batch
+    assert 1.9 < b["flops_per_step"] / a["flops_per_step"] < 2.1  # FLOPs of a step are linear in the batch
 
 
 def test_bench_vs_timm_command_line():
