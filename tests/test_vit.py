@@ -88,7 +88,7 @@ def test_shapes(pool, posemb):
 
 def test_init():
     torch.manual_seed(0)
-    m = Model(Config())
+    m = Model(Config(width=192, heads=3, mlp_dim=768))
     assert torch.equal(m(_images()), torch.zeros(2, 10))  # zero-init head
     assert torch.equal(m.cls_token, torch.zeros(1, 1, 192))
     assert abs(m.pos_embed.std().item() - 0.02) < 0.001 and m.pos_embed.shape == (1, 65, 192)
