@@ -1,6 +1,6 @@
 """ViT-22B's QK-norm claim in miniature: a learning-rate sweep with and without qk_norm on `shapes`,
 then the parallel vs sequential block at equal steps. Prints the two markdown tables of
-experiments/vit22b.md (the throughput table there comes from bench.py; commands in that file).
+README.md, section "ViT-22B in miniature" (the throughput table there comes from bench.py; commands in that section).
 
     python experiments/vit22b_lr_sweep.py [--out /tmp/vit22b_sweep] [--jobs 2] [--steps 200]
 

@@ -1,7 +1,5 @@
-import enum
 import math
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -15,45 +13,10 @@ from vit import PRESETS, Config, Model  # noqa: E402
 torch.set_num_threads(1)
 
 
-def _torchvision_stand_in():
-    """timm and transformers' image utils import torchvision; the PyPI torchvision wheel does not load
-    with the CPU torch build. Parity needs none of it, so install empty stand-in modules."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except Exception:
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]  # drop the half-imported package
-
-    class InterpolationMode(enum.Enum):
-        NEAREST = "nearest"
-        NEAREST_EXACT = "nearest-exact"
-        BILINEAR = "bilinear"
-        BICUBIC = "bicubic"
-        BOX = "box"
-        HAMMING = "hamming"
-        LANCZOS = "lanczos"
-
-    def any_name(attr):  # `from torchvision.x import Anything` gets a dummy class
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return type(attr, (), {})
-
-    for name in ["torchvision", "torchvision.transforms", "torchvision.transforms.functional",
-                 "torchvision.ops", "torchvision.ops.misc", "torchvision.datasets"]:
-        mod = types.ModuleType(name)
-        mod.__getattr__ = any_name
-        mod.__path__ = []
-        mod.InterpolationMode = InterpolationMode
-        sys.modules[name] = mod
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], child, mod)
-
-
+from standins import torchvision_stand_in  # noqa: E402
 import transformers  # noqa: E402,F401  (first, as CI installs it)
 
-_torchvision_stand_in()
+torchvision_stand_in()
 
 TINY = dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64, num_classes=5)
 

@@ -1,12 +1,10 @@
 """vit22b.py: the parallel block, QK-norm, no biases, the 22B count, timm parity, the sigmoid loss,
 attention diagnostics, FSDP on 2 CPU processes, and train.py end to end."""
-import enum
 import json
 import math
 import os
 import subprocess
 import sys
-import types
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import vit22b  # noqa: E402
+from standins import torchvision_stand_in  # noqa: E402
 from vit22b import PRESETS, Config, Model  # noqa: E402
 
 torch.set_num_threads(1)
@@ -25,45 +24,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 TINY = dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64, num_classes=5)
 
 
-def _torchvision_stand_in():
-    """timm imports torchvision; the PyPI torchvision wheel does not load with the CPU torch build.
-    Parity needs none of it, so install empty stand-in modules (as tests/test_vit.py)."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except Exception:
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]  # drop the half-imported package
-
-    class InterpolationMode(enum.Enum):
-        NEAREST = "nearest"
-        NEAREST_EXACT = "nearest-exact"
-        BILINEAR = "bilinear"
-        BICUBIC = "bicubic"
-        BOX = "box"
-        HAMMING = "hamming"
-        LANCZOS = "lanczos"
-
-    def any_name(attr):  # `from torchvision.x import Anything` gets a dummy class
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return type(attr, (), {})
-
-    for name in ["torchvision", "torchvision.transforms", "torchvision.transforms.functional",
-                 "torchvision.ops", "torchvision.ops.misc", "torchvision.datasets"]:
-        mod = types.ModuleType(name)
-        mod.__getattr__ = any_name
-        mod.__path__ = []
-        mod.InterpolationMode = InterpolationMode
-        sys.modules[name] = mod
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], child, mod)
-
-
 def _timm():
     import transformers  # noqa: F401  (before the stand-in: it probes torchvision itself)
-    _torchvision_stand_in()
+    torchvision_stand_in()
     import timm.layers
     import timm.models.vision_transformer as tv
     return tv, timm.layers

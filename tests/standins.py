@@ -1,0 +1,41 @@
+"""Test helper: empty stand-ins for torchvision, so timm (and transformers' image utils) import beside the CPU
+torch build, with which the PyPI torchvision wheel does not load. Used by the parity tests only."""
+import enum
+import sys
+import types
+
+
+def torchvision_stand_in():
+    """timm and transformers' image utils import torchvision; the PyPI torchvision wheel does not load
+    with the CPU torch build. Parity needs none of it, so install empty stand-in modules."""
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]  # drop the half-imported package
+
+    class InterpolationMode(enum.Enum):
+        NEAREST = "nearest"
+        NEAREST_EXACT = "nearest-exact"
+        BILINEAR = "bilinear"
+        BICUBIC = "bicubic"
+        BOX = "box"
+        HAMMING = "hamming"
+        LANCZOS = "lanczos"
+
+    def any_name(attr):  # `from torchvision.x import Anything` gets a dummy class
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return type(attr, (), {})
+
+    for name in ["torchvision", "torchvision.transforms", "torchvision.transforms.functional",
+                 "torchvision.ops", "torchvision.ops.misc", "torchvision.datasets"]:
+        mod = types.ModuleType(name)
+        mod.__getattr__ = any_name
+        mod.__path__ = []
+        mod.InterpolationMode = InterpolationMode
+        sys.modules[name] = mod
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, mod)
