@@ -157,8 +157,8 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = {k: [] for k in runs}
-    for _ in range(args.repeats):  # alternate, so a busy machine slows both alike
-        for k, step in runs.items():
+    for r in range(args.repeats):  # alternate, and swap who goes first: a busy machine slows both alike
+        for k, step in (list(runs.items()) if r % 2 == 0 else reversed(runs.items())):
             times[k].append(time_steps(step, args.steps, device))
 
     res = {"model": args.model, "preset": args.preset, "device": torch.cuda.get_device_name(device)
