@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import dual_patchnorm as dpn  # noqa: E402
 import vit  # noqa: E402
+from helpers import images as _images, perturb as _perturb  # noqa: E402
 from dual_patchnorm import PRESETS, Config, Model  # noqa: E402
 
 torch.set_num_threads(1)
@@ -23,18 +24,6 @@ TINY = dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64,
 NORMS = ["dual", "pre", "post", "none"]
 
 
-def _images(n=2, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, size, size, generator=g) * 2 - 1  # (B, C, H, W) in [-1, 1]
-
-
-def _perturb(model, scale=0.05, seed=0):
-    """Make every parameter (zero heads, unit LayerNorms, zero biases) nontrivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 @pytest.mark.parametrize("patch_norm", NORMS)

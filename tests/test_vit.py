@@ -13,7 +13,7 @@ from vit import PRESETS, Config, Model  # noqa: E402
 torch.set_num_threads(1)
 
 
-from standins import torchvision_stand_in  # noqa: E402
+from helpers import images as _images, perturb as _perturb, torchvision_stand_in  # noqa: E402
 import transformers  # noqa: E402,F401  (first, as CI installs it)
 
 torchvision_stand_in()
@@ -21,18 +21,6 @@ torchvision_stand_in()
 TINY = dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64, num_classes=5)
 
 
-def _images(n=2, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, size, size, generator=g) * 2 - 1  # (B, C, H, W) in [-1, 1]
-
-
-def _perturb(model, scale=0.05, seed=0):
-    """Make every parameter (zero heads, unit LayerNorms, zero biases) nontrivial for parity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 @pytest.mark.parametrize("pool", ["cls", "gap", "map"])

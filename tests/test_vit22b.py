@@ -16,7 +16,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import vit22b  # noqa: E402
-from standins import torchvision_stand_in  # noqa: E402
+from helpers import images as _images, perturb as _perturb, torchvision_stand_in  # noqa: E402
 from vit22b import PRESETS, Config, Model  # noqa: E402
 
 torch.set_num_threads(1)
@@ -32,18 +32,6 @@ def _timm():
     return tv, timm.layers
 
 
-def _images(n=2, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, size, size, generator=g) * 2 - 1  # (B, C, H, W) in [-1, 1]
-
-
-def _perturb(model, scale=0.05, seed=0):
-    """Make every parameter (zero heads, unit norm gains, zero biases) nontrivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 @pytest.mark.parametrize("parallel", [True, False])

@@ -1,8 +1,25 @@
-"""Test helper: empty stand-ins for torchvision, so timm (and transformers' image utils) import beside the CPU
-torch build, with which the PyPI torchvision wheel does not load. Used by the parity tests only."""
+"""Helpers shared by the model tests: random images, parameter perturbation for parity checks, and empty
+stand-ins for torchvision, so timm (and transformers' image utils) import beside the CPU torch build, with
+which the PyPI torchvision wheel does not load (parity tests only)."""
 import enum
 import sys
 import types
+
+import torch
+
+
+def images(n=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1  # (B, C, H, W) in [-1, 1]
+
+
+def perturb(model, scale=0.05, seed=0):
+    """Make every parameter (zero heads, unit LayerNorms, zero biases) nontrivial for parity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
 
 
 def torchvision_stand_in():
