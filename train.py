@@ -19,7 +19,16 @@ and optionally
     diagnostics(model) -> dict of floats, logged with the loss
     adapt_state_dict(state_dict, cfg) -> state_dict, for --init at another configuration (e.g. resolution)
     INIT_FROM         other model names whose checkpoints --init accepts (e.g. ("vit",) for a ViT variant)
-Plain image classification (below) is the default for all four functions.
+    setup(model, cfg, load_checkpoint)  a fresh run's extra checkpoints (a frozen tokenizer, a vision tower, ...)
+    predict(model, data, cfg, args) -> dict, for --predict (generate text, detect in an image, answer a question)
+Plain image classification (below) is the default for batches / loss / evaluate.
+A parameter with an attribute `lr_scale` trains at lr * lr_scale; frozen ones (requires_grad=False) are skipped.
+A Config with a `stage` field writes to out/<model>-<stage>-<data>.
+
+Inference on a finished run (--init CKPT, or the checkpoint in --out):
+    python train.py MODEL --init CKPT --predict ARG [ARG ...]       # the model's predict(): one JSON line
+    python train.py MODEL --init CKPT --eval corruptions [--baseline CKPT]
+                      # image classifiers: clean accuracy, accuracy per corruption and severity, mCE vs the baseline
 
 Writes out/<model>-<data>/ckpt.pt (atomic), log.jsonl, results.json; the last stdout line is one JSON object.
 On CUDA by default: torch.compile, bf16 autocast, TF32, fused AdamW, data resident on the GPU.
@@ -44,7 +53,7 @@ import data as datasets
 
 MODELS = ["vit", "vit22b", "dual_patchnorm", "discrete_vit", "ul2", "dsi", "owlvit", "pali"]
 DEFAULTS = dict(steps=1000, batch_size=128, lr=1e-3, warmup=100, weight_decay=0.05, clip=1.0, eval_every=0,
-                log_every=10, ckpt_every=0, accum=1, seed=0)
+                log_every=10, ckpt_every=0, accum=1, seed=0, sam=0.0)
 
 
 class UsageError(Exception):
@@ -189,6 +198,14 @@ def parser():
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip for image classification (default: the data's own choice)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 under torchrun")
+    p.add_argument("--sam", type=float, default=None, metavar="RHO",
+                   help="sharpness-aware minimisation with radius RHO (two forward/backward passes per step)")
+    p.add_argument("--predict", nargs="+", default=None, metavar="ARG",
+                   help="run the model's predict() on these arguments with the weights of --init (or --out)")
+    p.add_argument("--eval", choices=["corruptions"], default=None,
+                   help="evaluate the weights of --init (or --out) on the corrupted test set")
+    p.add_argument("--baseline", default=None, metavar="CKPT", help="--eval corruptions: the model mCE is relative to")
+    p.add_argument("--eval-samples", type=int, default=None, help="--eval: use the first N test images")
     p.add_argument("--stop-after", type=int, default=None, help="stop (and checkpoint) after this many steps of this invocation")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
@@ -223,10 +240,15 @@ def lr_at(step, lr, warmup, steps):
 
 
 def make_optimizer(model, lr, weight_decay, device):
-    """AdamW; weight decay on matrices (dim >= 2: linear/conv kernels, embeddings), not on biases and norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW; weight decay on matrices (dim >= 2: linear/conv kernels, embeddings), not on biases and norm gains.
+    Trainable parameters only; one group per (decay, lr_scale) pair, `lr_scale` read from the parameter."""
+    groups = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = (p.dim() >= 2, float(getattr(p, "lr_scale", 1.0)))
+            groups.setdefault(key, []).append(p)
+    groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+              for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
 
 
@@ -244,6 +266,7 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path, model_name, also=()):
+    """A train.py checkpoint dict (model_name None: from any model), or one clear UsageError."""
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
@@ -255,7 +278,7 @@ def load_checkpoint(path, model_name, also=()):
         raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UsageError(f"{path} is not a checkpoint written by train.py")
-    if ckpt.get("model_name") != model_name and ckpt.get("model_name") not in also:
+    if model_name is not None and ckpt.get("model_name") != model_name and ckpt.get("model_name") not in also:
         raise UsageError(f"checkpoint {path} is from model '{ckpt.get('model_name')}', not '{model_name}'")
     return ckpt
 
@@ -282,6 +305,100 @@ class Stop:
             cls.signum = signum
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference on a finished run: --predict and --eval corruptions
+
+def restore(path, model_name, device, overrides=None, also=()):
+    """(module, cfg, model in eval mode, checkpoint) from a checkpoint; model_name None accepts any model."""
+    ckpt = load_checkpoint(path, model_name, also)
+    mod = load_module(ckpt["model_name"])
+    cfg = make_config(mod, None, {**ckpt["config"], **(overrides or {})})
+    model = build_model(mod, cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UsageError(f"the weights in {path} do not fit this configuration ({str(e).splitlines()[1].strip()[:150]})")
+    return mod, cfg, model.to(device).eval(), ckpt
+
+
+def corruption_benchmark(models, data, seed, log):
+    """Accuracy of every model on the clean test set and on each corruption x severity 1..5, all models on
+    the same corrupted images; mCE (ImageNet-C): per corruption the summed error over severities, divided by
+    the baseline's (the last model), averaged over corruptions, x 100. Relative mCE subtracts clean errors."""
+    acc = {name: {"clean": [fn(m, data, cfg)["test_acc"]]} for name, (m, cfg, fn) in models.items()}
+    for c in datasets.CORRUPTIONS:
+        for s in range(1, 6):
+            corrupted = dataclasses.replace(data, x_test=datasets.corrupt(data.x_test, c, s, seed))
+            for name, (m, cfg, fn) in models.items():
+                acc[name].setdefault(c, []).append(fn(m, corrupted, cfg)["test_acc"])
+        log(f"{c:>16}: " + " | ".join(f"{name} " + " ".join(f"{a:.3f}" for a in acc[name][c]) for name in acc))
+    base = acc[list(models)[-1]]
+    res = {}
+    for name, a in acc.items():
+        err = {c: [1 - x for x in v] for c, v in a.items()}
+        clean_err = err.pop("clean")[0]
+        r = {"clean_acc": a["clean"][0], "corrupted_acc": sum(map(sum, map(a.get, err))) / (5 * len(err)),
+             "acc": {c: v for c, v in a.items() if c != "clean"}}
+        if len(models) > 1:
+            berr = {c: [1 - x for x in v] for c, v in base.items()}
+            bclean = berr.pop("clean")[0]
+            ce = {c: sum(e) / max(1e-9, sum(berr[c])) for c, e in err.items()}
+            rce = {c: sum(x - clean_err for x in e) / max(1e-9, sum(x - bclean for x in berr[c])) for c, e in err.items()}
+            r.update(mCE=100 * sum(ce.values()) / len(ce), relative_mCE=100 * sum(rce.values()) / len(rce),
+                     CE={c: 100 * v for c, v in ce.items()})
+        res[name] = r
+    return res
+
+
+def infer(args, mod, overrides, device):
+    source = args.init or args.out
+    if source is None:
+        raise UsageError(f"--{'predict' if args.predict else 'eval'} needs weights: --init CKPT (or --out DIR of a finished run)")
+    mod, cfg, model, ckpt = restore(source, args.model, device, overrides, getattr(mod, "INIT_FROM", ()))
+    kind = getattr(mod, "DATA", "images")
+    data_name = args.data or ckpt["data"]
+    data = datasets.load(data_name, kind=kind, image_size=getattr(cfg, "image_size", 32), seed=ckpt["train"]["seed"])
+    if args.eval_samples and kind == "images":
+        data = dataclasses.replace(data, x_test=data.x_test[:args.eval_samples], y_test=data.y_test[:args.eval_samples])
+    data = data.to(device)
+    amp = autocast(device, args.dtype or ckpt.get("dtype") or default_dtype(device))
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    if args.predict:
+        if not hasattr(mod, "predict"):
+            raise UsageError(f"{args.model} has no predict(); --predict is for models that generate or detect")
+        with torch.no_grad(), amp:
+            try:
+                result = mod.predict(model, data, cfg, args.predict)
+            except ValueError as e:
+                raise UsageError(str(e))
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+        return result
+    # --eval corruptions
+    if kind != "images":
+        raise UsageError(f"--eval corruptions is for image classifiers; {args.model} reads {kind}")
+    models = {args.model: (model, cfg, getattr(mod, "evaluate", evaluate))}
+    if args.baseline:
+        bmod, bcfg, bmodel, _ = restore(args.baseline, None, device)
+        if getattr(bmod, "DATA", "images") != "images":
+            raise UsageError(f"--baseline {args.baseline} is not an image classifier")
+        models["baseline"] = (bmodel, bcfg, getattr(bmod, "evaluate", evaluate))
+    log(f"{args.model}: {len(data.x_test)} test images of {data_name}, {len(datasets.CORRUPTIONS)} corruptions x 5 severities"
+        f"{' vs the baseline ' + args.baseline if args.baseline else ''}")
+    with torch.no_grad(), amp:
+        res = corruption_benchmark(models, data, args.seed or 0, log)
+    results = {"model": args.model, "checkpoint": str(source), "data": data_name, "test_images": len(data.x_test),
+               **res[args.model]}
+    if args.baseline:
+        results["baseline"] = {"checkpoint": args.baseline, **res["baseline"]}
+    log(f"clean acc {results['clean_acc']:.4f} | mean corrupted acc {results['corrupted_acc']:.4f}" +
+        (f" | mCE {results['mCE']:.1f} | relative mCE {results['relative_mCE']:.1f} (baseline = 100)" if args.baseline else ""))
+    folder = Path(args.out) if args.out and args.init else Path(source) if Path(source).is_dir() else Path(source).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corruptions.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results), flush=True)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,8 +431,12 @@ def main(argv=None):
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main_proc else (lambda *a: None)
 
     # the run's hyper-parameters: command line > the resumed checkpoint > the model's TRAIN > DEFAULTS
-    data_name = args.data or {"images": "shapes", "text": "stdlib"}.get(getattr(mod, "DATA", "images"), "shapes")
-    out = Path(args.out or f"out/{args.model}-{Path(data_name).stem if data_name.endswith('.npz') else data_name}")
+    if args.predict or args.eval:
+        return infer(args, mod, overrides, device)
+    data_name = args.data or {"text": "stdlib", "corpus": "corpus"}.get(getattr(mod, "DATA", "images"), "shapes")
+    cfg = make_config(mod, args.preset, overrides)
+    stage = f"-{cfg.stage}" if hasattr(cfg, "stage") else ""
+    out = Path(args.out or f"out/{args.model}{stage}-{Path(data_name).stem if '.' in Path(data_name).name else data_name}")
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(out, args.model)
@@ -336,7 +457,6 @@ def main(argv=None):
 
     # data: the whole dataset goes to the device once (uint8 images are small), batches are cut there
     kind = getattr(mod, "DATA", "images")
-    cfg = make_config(mod, args.preset, overrides)
     with torch.device("meta"):
         build_model(mod, cfg)  # validate the configuration before any data is made or downloaded
     data = datasets.load(data_name, kind=kind, image_size=getattr(cfg, "image_size", 32), seed=hp["seed"])
@@ -360,6 +480,11 @@ def main(argv=None):
 
     torch.manual_seed(hp["seed"])
     model = build_model(mod, cfg).to(device)
+    if hasattr(mod, "setup") and not ckpt:  # e.g. a frozen tokenizer or tower from another checkpoint
+        try:
+            mod.setup(model, cfg, lambda path, name=args.model: load_checkpoint(path, name))
+        except ValueError as e:
+            raise UsageError(str(e))
     if args.init and not ckpt:
         init = load_checkpoint(args.init, args.model, also=getattr(mod, "INIT_FROM", ()))
         sd = init["model"]
@@ -422,7 +547,7 @@ def main(argv=None):
         with amp:
             metrics = evaluate_fn(fwd, data, cfg)
         raw.train()
-        return {k: float(v) for k, v in metrics.items()}
+        return {k: [float(x) for x in v] if isinstance(v, (list, tuple)) else float(v) for k, v in metrics.items()}
 
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
@@ -442,13 +567,9 @@ def main(argv=None):
         bar = tqdm(total=steps, initial=step, dynamic_ncols=True, file=sys.stderr)
     new_window = lambda: {"loss": torch.zeros((), device=device), "n": 0, "samples": 0, "tokens": 0, "metrics": {}}
     window, t0, stop_at, last = new_window(), time.time(), (step + args.stop_after if args.stop_after else None), {}
-    raw.train()
-    while step < steps:
-        lr = lr_at(step, hp["lr"], hp["warmup"], steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = next(it)
-        mine = split_batch(batch, world, rank)  # this process's rows of the global batch
+
+    def forward_backward(mine, window):
+        """Gradients of one global batch, in `accum` micro-batches; the loss and metrics go to `window`."""
         for micro in range(accum):
             part = split_batch(mine, accum, micro)
             no_sync = micro < accum - 1 and hasattr(model, "no_sync")  # DDP: all-reduce gradients once, at the end
@@ -456,10 +577,30 @@ def main(argv=None):
                 with amp:
                     l, metrics = loss_fn(fwd, part)
                 (l / accum).backward()
+            if window is None:
+                continue
             window["loss"] += l.detach().float() / accum
             window["tokens"] += int(metrics.pop("tokens", 0)) * world  # text models report tokens per micro-batch
             for k, v in metrics.items():
                 window["metrics"][k] = window["metrics"].get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() / accum
+    raw.train()
+    while step < steps:
+        lr = lr_at(step, hp["lr"], hp["warmup"], steps)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        batch = next(it)
+        mine = split_batch(batch, world, rank)  # this process's rows of the global batch
+        forward_backward(mine, window)
+        if hp["sam"]:  # SAM: the gradient at the worst nearby point w + rho g/|g| updates w
+            params = [p for p in raw.parameters() if p.grad is not None]
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+                eps = [p.grad * (hp["sam"] / (norm + 1e-12)) for p in params]
+                torch._foreach_add_(params, eps)
+            opt.zero_grad(set_to_none=True)
+            forward_backward(mine, None)
+            with torch.no_grad():
+                torch._foreach_sub_(params, eps)
         if hp["clip"]:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), hp["clip"])
         opt.step()
@@ -519,7 +660,7 @@ def main(argv=None):
         bar.close()
 
     results = {"model": args.model, "data": data_name, "steps": step, "params": n_params}
-    results.update({k: v for k, v in last.items() if k not in ("step", "lr")})
+    results.update({k: v for k, v in last.items() if k not in ("step", "lr") and not isinstance(v, list)})
     if "test_acc" not in last and "test_loss" not in last:
         results.update(run_eval())
     if main_proc:

@@ -208,3 +208,35 @@ def test_schedule_and_overrides():
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(model.blocks[0].attn.qkv.weight) in decayed and id(model.blocks[0].attn.qkv.bias) not in decayed
     assert id(model.norm.weight) not in decayed
+
+
+def test_optimizer_groups_follow_lr_scale_and_skip_frozen():
+    import vit
+    model = vit.Model(train.make_config(vit, None, dict(width=32, depth=1, heads=2, mlp_dim=64)))
+    model.cls_token.lr_scale = 0.01  # e.g. a delta trained at lr / 100
+    model.patch_embed.weight.requires_grad_(False)  # e.g. a frozen tower
+    opt = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+    owner = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert id(model.patch_embed.weight) not in owner
+    assert owner[id(model.cls_token)]["lr_scale"] == 0.01 and owner[id(model.cls_token)]["weight_decay"] == 0.1
+    assert owner[id(model.head.weight)]["lr_scale"] == 1.0
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_sam_trains_differently_and_resumes_exactly(tmp_path, npz):
+    common = ["vit", "--data", npz, "--steps", 8, "--lr", 3e-3, "--warmup", 2, "--log-every", 1, *TINY]
+    run(*common, "--out", tmp_path / "adam")
+    run(*common, "--sam", 0.5, "--out", tmp_path / "full")
+    run(*common, "--sam", 0.5, "--out", tmp_path / "cut", "--stop-after", 4)
+    run("vit", "--resume", "--out", tmp_path / "cut", "--no-progress")
+    sam = losses(tmp_path / "full")
+    assert sam == losses(tmp_path / "cut")  # --sam is saved with the run
+    assert sam[0] == losses(tmp_path / "adam")[0] and sam[1:] != losses(tmp_path / "adam")[1:]
+
+
+def test_predict_and_eval_need_weights_and_a_hook(tmp_path, npz):
+    run("vit", "--data", npz, "--steps", 2, "--out", tmp_path, *TINY)
+    p = run("vit", "--predict", "x", "--init", tmp_path, check=False)
+    assert p.returncode == 2 and "has no predict()" in p.stderr
+    p = run("vit", "--eval", "corruptions", check=False)
+    assert p.returncode == 2 and "--init CKPT" in p.stderr
