@@ -18,7 +18,14 @@ Image sources, `load(name, kind="images", image_size=32, seed=0) -> ImageData`:
   PATH.npz   the user's own arrays: x uint8 (N,H,W,C) or (N,H,W), y int (N,); optional x_test,
              y_test (else a seeded 90/10 split) and classes (strings).
 
-Text sources (stdlib, shakespeare, PATH.txt, PATH.jsonl) come later.
+Scenes, `load("shapes", kind="scenes", image_size) -> SceneData` (owlvit.py, pali.py): 10,000 train /
+1,000 test multi-object scenes with per-object boxes and names, captions and questions in en/fr/de/es,
+and the tokenizer.
+
+Text, `kind="text"` (ul2.py), and retrieval corpora, `kind="corpus"` (dsi.py): see their sections below.
+
+The byte tokenizer (`ByteTokenizer`): UTF-8 bytes + pad/eos/unk, UL2's mode tokens, optional coordinate
+tokens and T5-style sentinels at the top of the vocabulary; no vocabulary file.
 
 Helpers for the models: `normalize` (uint8 images -> float in [-1, 1], channels first) and
 `augment` (random crop with zero padding + horizontal flip, on the images' device).
@@ -28,6 +35,7 @@ import functools
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import urllib.error
@@ -67,10 +75,16 @@ IMAGE_SOURCES = ("shapes", "cifar10", "cifar100", "PATH.npz")
 TEXT_SOURCES = ("stdlib", "shakespeare", "PATH.txt", "PATH.jsonl")
 
 
-def load(name: str, kind: str = "images", image_size: int = 32, seed: int = 0) -> ImageData:
-    """Load a data source by name (see the module docstring)."""
+def load(name: str, kind: str = "images", image_size: int = 32, seed: int = 0):
+    """Load a data source by name (see the module docstring). kind: images | scenes | text | corpus."""
+    if kind == "scenes":
+        return _load_scenes(name, image_size, seed)
+    if kind == "text":
+        return _load_text(name, seed)
+    if kind == "corpus":
+        return _load_corpus(name, seed)
     if kind != "images":
-        raise DataError(f"data kind '{kind}' is not available yet (only 'images': {', '.join(IMAGE_SOURCES)})")
+        raise DataError(f"unknown data kind '{kind}': choose one of images, scenes, text, corpus")
     if name == "shapes":
         if image_size < 8:
             raise DataError(f"shapes needs image_size >= 8, got {image_size}")
@@ -83,7 +97,7 @@ def load(name: str, kind: str = "images", image_size: int = 32, seed: int = 0) -
     if name.endswith(".npz"):
         return _load_npz(name, seed)
     if name in TEXT_SOURCES[:2] or name.endswith((".txt", ".jsonl")):
-        raise DataError(f"'{name}' is a text source; text data is not available yet "
+        raise DataError(f"'{name}' is a text source and this model reads images "
                         f"(image sources: {', '.join(IMAGE_SOURCES)})")
     raise DataError(f"unknown data '{name}': choose one of {', '.join(IMAGE_SOURCES)}")
 
@@ -588,22 +602,22 @@ def _md5(path):
     return h.hexdigest()
 
 
-def _download(url, dest, md5, name):
-    """Fetch url to dest through a temporary file; only a file with the right MD5 is renamed into place."""
+def _download(url, dest, md5, name, sha256=None, offline="use --data shapes (embedded, needs no download)"):
+    """Fetch url to dest through a temporary file; only a file with the right MD5 (or SHA-256) is renamed into place."""
     tmp = dest.with_name(f"{dest.name}.part{os.getpid()}")
     from tqdm import tqdm
-    offline = "use --data shapes (embedded, needs no download)"
+    want = md5 if sha256 is None else sha256
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            h, total = hashlib.md5(), int(r.headers.get("Content-Length") or 0)
+            h, total = hashlib.md5() if sha256 is None else hashlib.sha256(), int(r.headers.get("Content-Length") or 0)
             with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"download {name}", disable=None) as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
-        if h.hexdigest() != md5:
-            raise DataError(f"{name}: checksum mismatch for {url} (got MD5 {h.hexdigest()}, expected {md5}); "
-                            f"try again later or {offline}")
+        if h.hexdigest() != want:
+            raise DataError(f"{name}: checksum mismatch for {url} (got {h.name.upper()} {h.hexdigest()}, expected "
+                            f"{want}); try again later or {offline}")
         os.replace(tmp, dest)
     except (OSError, urllib.error.URLError, EOFError) as e:  # URLError, timeouts, refused connections...
         reason = getattr(e, "reason", None) or e
@@ -747,3 +761,917 @@ def _load_npz(path, seed):
         raise DataError(f"{path}: {len(classes)} class names for labels up to {n_classes - 1}")
     t = torch.from_numpy
     return ImageData(Path(path).stem, t(np.ascontiguousarray(x)), t(y), t(np.ascontiguousarray(xt)), t(yt), classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- the byte tokenizer (every text model): UTF-8 bytes + specials, mode tokens, locations, sentinels
+
+class ByteTokenizer:
+    """Text <-> ids without a vocabulary file.
+
+    ids: 0 pad, 1 eos, 2 unk, 3..258 the 256 UTF-8 bytes (byte b -> b + 3), 259 [R], 260 [X], 261 [S]
+    (UL2's mode tokens), then n_locations coordinate tokens <loc0000>.. (Pix2Seq / PaliGemma style), then
+    n_sentinels sentinels at the top of the vocabulary: <extra_id_k> = vocab_size - 1 - k (T5's order).
+    The specials can be written literally in the text ("[S] Once upon", "a <extra_id_0> c")."""
+    pad, eos, unk, offset = 0, 1, 2, 3
+    mode = {"R": 259, "X": 260, "S": 261}
+
+    def __init__(self, n_sentinels: int = 128, n_locations: int = 0):
+        self.n_sentinels, self.n_locations = n_sentinels, n_locations
+        self.vocab_size = 262 + n_locations + n_sentinels
+        self._special = re.compile(r"\[([RXS])\]|<extra_id_(\d+)>|<loc(\d{4})>")
+
+    def sentinel(self, k: int) -> int:
+        if not 0 <= k < self.n_sentinels:
+            raise DataError(f"sentinel {k} does not exist: the tokenizer has {self.n_sentinels} (n_sentinels)")
+        return self.vocab_size - 1 - k
+
+    def location(self, i: int) -> int:
+        if not 0 <= i < self.n_locations:
+            raise DataError(f"location token {i} does not exist: the tokenizer has {self.n_locations} (n_locations)")
+        return 262 + i
+
+    def encode(self, text: str, eos: bool = False, specials: bool = True) -> list[int]:
+        ids, pos = [], 0
+        for m in (self._special.finditer(text) if specials else ()):
+            ids += [b + 3 for b in text[pos:m.start()].encode("utf-8")]
+            mode, sentinel, loc = m.groups()
+            if mode:
+                ids.append(self.mode[mode])
+            elif sentinel is not None and int(sentinel) < self.n_sentinels:
+                ids.append(self.sentinel(int(sentinel)))
+            elif loc is not None and int(loc) < self.n_locations:
+                ids.append(self.location(int(loc)))
+            else:  # a special this tokenizer does not have: keep the literal text
+                ids += [b + 3 for b in m.group().encode("utf-8")]
+            pos = m.end()
+        ids += [b + 3 for b in text[pos:].encode("utf-8")]
+        return ids + [self.eos] if eos else ids
+
+    def decode(self, ids) -> str:
+        out, buf = [], bytearray()
+        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+            if i == self.eos:
+                break
+            if 3 <= i < 259:
+                buf.append(i - 3)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            if i in (self.pad, self.unk):
+                out.append("" if i == self.pad else "\ufffd")
+            elif i < 262:
+                out.append(f"[{'RXS'[i - 259]}]")
+            elif i < 262 + self.n_locations:
+                out.append(f"<loc{i - 262:04d}>")
+            elif i < self.vocab_size:
+                out.append(f"<extra_id_{self.vocab_size - 1 - i}>")
+            else:
+                out.append("\ufffd")
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def batch(self, texts, length: int, eos: bool = True) -> torch.Tensor:
+        """Encode, truncate to `length` (keeping the eos as the last id), pad with 0: LongTensor (B, length)."""
+        out = torch.zeros(len(texts), length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self.encode(text)[:length - 1 if eos else length] + ([self.eos] if eos else [])
+            out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- scenes: shapes with boxes, names, captions and questions (owlvit.py, pali.py)
+
+@dataclass
+class SceneData:
+    name: str
+    x_train: torch.Tensor  # (N, H, W, 3) uint8
+    scenes_train: list  # per image: a list of objects, dicts with shape, colour, name, box (x0, y0, x1, y1) px, ...
+    x_test: torch.Tensor  # (M, H, W, 3) uint8
+    scenes_test: list
+    tokenizer: ByteTokenizer
+    langs: tuple = LANGS
+    augment: bool = False
+
+    @staticmethod
+    def caption(scene: list[dict], lang: str = "en") -> str:
+        return caption(scene, lang)
+
+    @staticmethod
+    def vqa(scene: list[dict], lang: str = "en", rng=None, answer_lang: str | None = None) -> list[tuple[str, str, str]]:
+        return vqa(scene, lang, rng, answer_lang)
+
+    @staticmethod
+    def read_image(path) -> np.ndarray:  # uint8 (H, W, 3); PPM (P6) or PNG (the image-files section)
+        return read_image(path)
+
+    @staticmethod
+    def write_image(path, x) -> None:  # PNG (.png) or PPM (.ppm)
+        return write_image(path, x)
+
+    def to(self, device) -> "SceneData":
+        return replace(self, x_train=self.x_train.to(device), x_test=self.x_test.to(device))
+
+
+SCENES_TRAIN, SCENES_TEST = 10_000, 1_000
+
+
+def _load_scenes(name, image_size, seed):
+    if name == "shapes":
+        if image_size < 16:
+            raise DataError(f"shapes scenes need image_size >= 16, got {image_size}")
+        x, scenes = shapes_scenes(SCENES_TRAIN, image_size, seed=seed)
+        xt, scenes_t = shapes_scenes(SCENES_TEST, image_size, seed=seed + 10_007)  # another stream: no overlap
+        return SceneData("shapes", torch.from_numpy(x), scenes, torch.from_numpy(xt), scenes_t, ByteTokenizer())
+    if name in SOURCES or name.endswith(".npz"):
+        return _load_captioned_images(name, image_size, seed)
+    raise DataError(f"unknown scene data '{name}': choose shapes (or cifar10/cifar100 as captioned images)")
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- scenes: CIFAR as captioning (pali helper)
+
+# CIFAR-10's classes in four languages: (the indefinite article the caption needs, the noun). German takes
+# the dative after "von"; "automobile" is captioned as the everyday word (car, voiture, Auto, coche).
+CIFAR10_NOUNS = {
+    "airplane": dict(en=("an", "airplane"), fr=("un", "avion"), de=("einem", "Flugzeug"), es=("un", "avión")),
+    "automobile": dict(en=("a", "car"), fr=("une", "voiture"), de=("einem", "Auto"), es=("un", "coche")),
+    "bird": dict(en=("a", "bird"), fr=("un", "oiseau"), de=("einem", "Vogel"), es=("un", "pájaro")),
+    "cat": dict(en=("a", "cat"), fr=("un", "chat"), de=("einer", "Katze"), es=("un", "gato")),
+    "deer": dict(en=("a", "deer"), fr=("un", "cerf"), de=("einem", "Hirsch"), es=("un", "ciervo")),
+    "dog": dict(en=("a", "dog"), fr=("un", "chien"), de=("einem", "Hund"), es=("un", "perro")),
+    "frog": dict(en=("a", "frog"), fr=("une", "grenouille"), de=("einem", "Frosch"), es=("una", "rana")),
+    "horse": dict(en=("a", "horse"), fr=("un", "cheval"), de=("einem", "Pferd"), es=("un", "caballo")),
+    "ship": dict(en=("a", "ship"), fr=("un", "bateau"), de=("einem", "Schiff"), es=("un", "barco")),
+    "truck": dict(en=("a", "truck"), fr=("un", "camion"), de=("einem", "Lastwagen"), es=("un", "camión")),
+}
+PHOTO = dict(en="a photo of {}", fr="une photo d'{}", de="ein Foto von {}", es="una foto de {}")
+PHOTO_QUESTION = dict(en="what is in the photo?", fr="qu'y a-t-il sur la photo ?", de="was ist auf dem Foto?",
+                      es="¿qué hay en la foto?")
+
+
+@dataclass
+class CaptionedImageData(SceneData):
+    """Labelled photos as captioning data (pali.py): each image is a one-object scene [{name, label, box,
+    image_size}], captioned "a photo of a {class}" and asked "what is in the photo?" (qtype "class") in
+    every language of `langs` (CIFAR-10: en fr de es; CIFAR-100 and .npz files: English class names only)."""
+    tasks = ("caption", "vqa")  # no counting or detection: one object filling the photo
+
+    @staticmethod
+    def _noun(name, lang):
+        if name in CIFAR10_NOUNS:
+            return CIFAR10_NOUNS[name][lang]
+        if lang != "en":
+            raise DataError(f"no {lang} name for class '{name}': only CIFAR-10's classes are translated")
+        noun = name.replace("_", " ")
+        return ("an" if noun[0] in "aeiou" else "a"), noun
+
+    @staticmethod
+    def caption(scene: list[dict], lang: str = "en") -> str:
+        art, noun = CaptionedImageData._noun(scene[0]["name"], lang)
+        return PHOTO[lang].format(f"{art} {noun}")
+
+    @staticmethod
+    def vqa(scene: list[dict], lang: str = "en", rng=None, answer_lang: str | None = None) -> list[tuple[str, str, str]]:
+        return [(PHOTO_QUESTION[lang], CaptionedImageData._noun(scene[0]["name"], answer_lang or lang)[1], "class")]
+
+
+def _load_captioned_images(name, image_size, seed):
+    """cifar10 / cifar100 / PATH.npz as SceneData: images at their own size (the model resizes)."""
+    d = _load_cifar(name) if name in SOURCES else _load_npz(name, seed)
+    if d.x_train.shape[-1] != 3:
+        raise DataError(f"'{name}' has {d.x_train.shape[-1]} channel(s); captioned images must be RGB")
+    size = d.x_train.shape[1]
+
+    def scenes(y):
+        return [[dict(name=d.classes[int(c)], label=int(c), box=(0, 0, size, size), image_size=size)] for c in y.tolist()]
+    langs = LANGS if all(c in CIFAR10_NOUNS for c in d.classes) else ("en",)
+    return CaptionedImageData(name, d.x_train, scenes(d.y_train), d.x_test, scenes(d.y_test), ByteTokenizer(), langs)
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- text: stdlib, shakespeare, PATH.txt (ul2 helper)
+#
+# `load(name, kind="text", seed=0) -> TextData` (ul2.py):
+#   stdlib       embedded, no download: the docstrings of the running Python's standard library, read with `ast`
+#                from the .py sources (never imported); module, class and function docstrings in source order,
+#                cleaned like inspect.getdoc, deduplicated; one docstring = one document. Test folders (test,
+#                tests, idle_test) and site-packages are skipped. CPython 3.11: ~8,300 documents, 1.8 MB.
+#                Extracted once (~10 s) and cached as JSON in the cache folder (per Python version and path).
+#   shakespeare  tiny Shakespeare (karpathy/char-rnn input.txt, 1,115,394 bytes), downloaded once into the cache
+#                folder, SHA-256 checked (before use and at every load); documents = blocks between blank lines.
+#   PATH.txt     your own UTF-8 text file; documents = blocks between blank lines.
+# Train/validation split: a document is held out iff the MD5 of its text is 0 modulo 20 (~5%): a document is on
+# the same side whatever the seed or machine, and deduplicated text never crosses the split. (A text that gives
+# an empty side, e.g. one paragraph, is cut at 90% of its length instead.) `seed` is not used.
+
+TEXT_DOWNLOADS = {  # tests monkeypatch url and sha256
+    "shakespeare": dict(url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+                        file="tinyshakespeare.txt"),
+}
+
+
+@dataclass
+class TextData:
+    """A text source as token ids. train, val: flat int16 tensors (N,) of ByteTokenizer ids (UTF-8 bytes + 3,
+    specials not parsed), the documents one after another with a blank line ("\n\n") between them, no EOS:
+    models cut their own chunks. The ids stay on the CPU (examples are built there, with numpy); `device` is where
+    batches should go (`.to(device)` sets it)."""
+    name: str
+    train: torch.Tensor  # (N,) int16
+    val: torch.Tensor  # (M,) int16
+    tokenizer: ByteTokenizer
+    n_train_docs: int
+    n_val_docs: int
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device) -> "TextData":
+        return replace(self, device=torch.device(device))
+
+
+def _docstrings(path):
+    """The docstrings of one Python source file, in source order (module first), without importing it."""
+    import ast
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid escapes etc. in old sources
+        try:
+            tree = ast.parse(Path(path).read_bytes())
+        except (SyntaxError, ValueError, OSError):
+            return []
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+    return [d for d in (ast.get_docstring(n, clean=True) for n in nodes) if d and d.strip()]
+
+
+def _stdlib_documents(root):
+    """Deduplicated docstrings of every .py file under root (the stdlib folder), files in sorted order."""
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    docs, seen = [], set()
+    for path in sorted(Path(root).rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        for d in _docstrings(path):
+            if d not in seen:
+                seen.add(d)
+                docs.append(d)
+    return docs
+
+
+def _stdlib():
+    import json
+    import sys
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+    key = hashlib.md5(str(root.resolve()).encode()).hexdigest()[:8]
+    cached = cache_dir() / f"stdlib-docstrings-py{sys.version_info[0]}.{sys.version_info[1]}-{key}.json"
+    try:
+        return json.loads(cached.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not there yet (or a broken file): extract again
+        pass
+    docs = _stdlib_documents(root)
+    if not docs:
+        raise DataError(f"no docstrings found under the standard library folder {root}; use --data PATH.txt")
+    tmp = cached.with_name(f"{cached.name}.part{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(docs), encoding="utf-8")
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs the extraction next time
+    finally:
+        tmp.unlink(missing_ok=True)
+    return docs
+
+
+def _blocks(text):
+    """Documents of a plain text: blocks separated by blank lines, stripped, non-empty."""
+    return [b.strip() for b in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if b.strip()]
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shakespeare():
+    src = TEXT_DOWNLOADS["shakespeare"]
+    path = cache_dir() / src["file"]
+    if path.exists() and _sha256(path) != src["sha256"]:
+        path.unlink()  # corrupt or stale: fetch again
+    if not path.exists():
+        _download(src["url"], path, None, "shakespeare", sha256=src["sha256"],
+                  offline="use --data stdlib (embedded, needs no download)")
+    return _blocks(path.read_text(encoding="utf-8"))
+
+
+def _text_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. iconv -t utf-8") from None
+    docs = _blocks(text)
+    if not docs:
+        raise DataError(f"{path} holds no text")
+    return docs
+
+
+def text_data(name, docs, tokenizer=None):
+    """Documents (list of str) -> TextData with the MD5 train/validation split described above."""
+    tokenizer = tokenizer or ByteTokenizer()
+    held = [int(hashlib.md5(d.encode("utf-8")).hexdigest(), 16) % 20 == 0 for d in docs]
+    train = [d for d, h in zip(docs, held) if not h]
+    val = [d for d, h in zip(docs, held) if h]
+    if not train or not val:  # too few documents: cut the text itself at 90%
+        text = "\n\n".join(docs)
+        cut = int(len(text) * 0.9)
+        train, val = [text[:cut]], [text[cut:]]
+        if not train[0].strip() or not val[0].strip():
+            raise DataError(f"{name}: {len(text)} characters is too little text for a train/validation split")
+
+    def ids(parts):
+        return torch.tensor(tokenizer.encode("\n\n".join(parts), specials=False), dtype=torch.int16)
+    return TextData(name, ids(train), ids(val), tokenizer, len(train), len(val))
+
+
+def _load_text(name, seed):
+    if name == "stdlib":
+        return text_data("stdlib", _stdlib())
+    if name == "shakespeare":
+        return text_data("shakespeare", _shakespeare())
+    if name.endswith(".txt"):
+        return text_data(Path(name).stem, _text_file(name))
+    raise DataError(f"unknown text data '{name}': choose stdlib (embedded), shakespeare (download) or PATH.txt")
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- corpus: embedded retrieval corpus, PATH.jsonl (dsi helper)
+#
+# `load(name, kind="corpus", seed=0) -> CorpusData` (dsi.py):
+#   corpus       embedded, no download: a seeded synthetic retrieval corpus (card C7/D6 of papers/text.md).
+#                10 topics; D0 = 300 documents (30 per topic) with queries, then K = 5 new corpora
+#                D1..D5 of 60 documents each (6 per topic) that arrive without training queries (DSI++).
+#                A document is 60-90 lower-case words: its first sentence holds 2-3 made-up "key" words
+#                that no other document has, the rest are words of its topic and function words.
+#                A query is 2 of the document's key words + 1-2 of its topic words, shuffled (never a
+#                copy of the document text). Paraphrase channel: half the queries replace every key word
+#                by a fixed synonym that occurs in no document (they share only topic words, common to
+#                ~30 documents, with their document). Per D0 document 4 train + 2 test queries, except
+#                20% of D0 that has no train queries (zero-shot: indexed only); D1..D5 have 2 test
+#                queries per document.
+#   PATH.jsonl   your own corpus, one JSON object per line (blank lines skipped):
+#                  {"docid": "d17", "text": "the document ..."}                  a document
+#                  {"docid": "d17", "text": "...", "corpus": 2}                  ... arriving in D2 (DSI++; default 0)
+#                  {"query": "who wrote ...", "docid": "d17"}                    a query with its document
+#                  {"query": "...", "docid": "d17", "split": "test"}           ... forced to train or test
+#                docids are unique strings (or ints); a query may come before its document. Queries without
+#                "split" are held out as test with probability 0.2 (seeded); queries of documents in a
+#                corpus > 0 are always test (new corpora arrive without queries). A query is flagged lexical
+#                if it shares a word (3+ letters, not a stopword) with its document, else paraphrased.
+#                A bad line raises DataError naming its line number.
+
+@dataclass
+class CorpusData:
+    name: str
+    docs: list  # dicts: docid (str), text (str), corpus (int: 0 = D0, t = the t-th new corpus), train_queries (bool)
+    queries: list  # dicts: text, doc (index into docs), split ("train" | "test"), paraphrased (bool)
+    tokenizer: ByteTokenizer
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.docs)
+
+    @property
+    def num_corpora(self) -> int:  # D0 + the new corpora
+        return 1 + max(d["corpus"] for d in self.docs)
+
+    def to(self, device) -> "CorpusData":  # everything is text: nothing to move
+        return self
+
+
+CORPUS_TOPICS = {
+    "astronomy": "star planet orbit comet galaxy telescope moon nebula eclipse gravity asteroid solar lunar "
+                 "cosmic meteor orbitals crater quasar supernova horizon",
+    "cooking": "oven recipe flour butter sauce garlic onion pepper simmer roast dough salt sugar kitchen "
+               "spice broth bake skillet herbs vinegar",
+    "music": "melody rhythm guitar piano chord tempo violin drum singer chorus harmony concert song note "
+             "orchestra bass lyric scale opera jazz",
+    "sailing": "boat sail wind harbor anchor mast deck rope tide keel hull captain crew voyage port "
+               "compass knot rudder storm island",
+    "medicine": "doctor patient fever vaccine clinic nurse dose symptom surgery blood heart virus tablet "
+                "therapy diagnosis hospital pulse infection bone injury",
+    "football": "goal striker referee match pitch league coach penalty keeper tackle midfield corner "
+                "season stadium team kick score defender trophy fans",
+    "geology": "rock mineral quartz granite volcano lava fossil sediment crystal erosion basalt magma "
+               "canyon tectonic fault limestone glacier strata pebble cliff",
+    "computing": "code compiler memory processor kernel network server database bug program software "
+                 "cache thread algorithm binary byte query script laptop keyboard",
+    "gardening": "seed soil compost flower tulip rose weed shovel prune garden hedge bulb mulch orchard "
+                 "vine leaf root sprout watering greenhouse",
+    "finance": "bank loan interest stock bond market credit budget profit investor dividend tax "
+               "mortgage currency debt savings asset trader price fund",
+}
+_FUNCTION_WORDS = "the a of and in with on for is was by to from near about its".split()
+_STOPWORDS = set(_FUNCTION_WORDS) | set("an at as are be it this that or not but his her their which who what "
+                                        "when where how have has had were will would can could".split())
+CORPUS_SIZES = (300, 60, 60, 60, 60, 60)  # D0, D1..D5
+
+
+def _nonce_words(rng, n, taken):
+    """n distinct made-up words (3 consonant-vowel syllables, e.g. 'vorelin'), none of them in `taken`."""
+    cons, vows = list("bdfgklmnprstvz"), list("aeiou")
+    out = []
+    while len(out) < n:
+        w = "".join(rng.choice(cons) + rng.choice(vows) for _ in range(3)) + rng.choice(["", "n", "r", "s"])
+        if w not in taken:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+def corpus_embedded(seed: int = 0, sizes=CORPUS_SIZES, train_queries: int = 4, test_queries: int = 2,
+                    zero_shot: float = 0.2, paraphrase: float = 0.5) -> CorpusData:
+    """The embedded corpus (see the section comment above); a pure function of its arguments."""
+    rng = np.random.RandomState(seed)
+    topics = list(CORPUS_TOPICS)
+    topic_words = {t: CORPUS_TOPICS[t].split() for t in topics}
+    taken = set(_FUNCTION_WORDS) | {w for ws in topic_words.values() for w in ws}
+    n = sum(sizes)
+    n_keys = rng.randint(2, 4, size=n)  # 2 or 3 key words per document
+    keys = _nonce_words(rng, int(n_keys.sum()), taken)
+    synonym = dict(zip(keys, _nonce_words(rng, len(keys), taken)))  # drawn after: never in a document
+    docs, queries, k = [], [], 0
+    order = rng.permutation(n)  # docid numbers are not in corpus order
+    for corpus, size in enumerate(sizes):
+        no_train = set(rng.choice(size, int(round(zero_shot * size)), replace=False)) if corpus == 0 else set(range(size))
+        for j in range(size):
+            topic = topics[j % len(topics)]
+            tw = topic_words[topic]
+            key = keys[k:k + n_keys[len(docs)]]
+            k += len(key)
+            first = ["the", key[0]] + [rng.choice(tw), "of", key[1]] + (["and", key[2]] if len(key) > 2 else []) + [rng.choice(tw)]
+            words = list(first)
+            for _ in range(rng.randint(60, 91) - len(first)):
+                words.append(rng.choice(tw) if rng.rand() < 0.6 else rng.choice(_FUNCTION_WORDS))
+            text = " ".join(first) + ". " + " ".join(words[len(first):]) + "."
+            in_doc = sorted(set(words) & set(tw))
+            d = len(docs)
+            docs.append({"docid": f"doc{order[d]:04d}", "text": text, "corpus": corpus, "topic": topic,
+                         "keys": list(key), "train_queries": j not in no_train})
+            seen = set()
+            for split, m in (("train", 0 if j in no_train else train_queries), ("test", test_queries)):
+                for _ in range(m):
+                    for _attempt in range(100):  # distinct queries, never a substring of the document
+                        ks = list(rng.choice(key, 2, replace=False))
+                        para = rng.rand() < paraphrase
+                        ws = [synonym[w] for w in ks] if para else ks
+                        ws += list(rng.choice(in_doc, rng.randint(1, 3), replace=False))
+                        rng.shuffle(ws)
+                        q = " ".join(ws)
+                        if q not in seen and q not in text:
+                            break
+                    seen.add(q)
+                    queries.append({"text": q, "doc": d, "split": split, "paraphrased": bool(para)})
+    return CorpusData("corpus", docs, queries, ByteTokenizer())
+
+
+def _words(text):
+    return re.findall(r"\w+", text.lower())
+
+
+def _load_corpus_jsonl(path, seed):
+    import json
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
+    fmt = ('one JSON object per line: {"docid": ID, "text": "..."} (optional "corpus": 0, 1, ...) or '
+           '{"query": "...", "docid": ID} (optional "split": "train" | "test")')
+    docs, raw_queries, index = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {ln}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg}); expected {fmt}") from None
+            if not isinstance(obj, dict) or "docid" not in obj or ("text" in obj) == ("query" in obj):
+                raise DataError(f"{where}: expected {fmt}")
+            docid = obj["docid"]
+            if isinstance(docid, bool) or not isinstance(docid, (str, int)) or str(docid) == "":
+                raise DataError(f"{where}: docid must be a non-empty string or an integer, got {docid!r}")
+            docid = str(docid)
+            body = obj.get("text", obj.get("query"))
+            if not isinstance(body, str) or not body.strip():
+                raise DataError(f"{where}: {'text' if 'text' in obj else 'query'} must be a non-empty string")
+            if "text" in obj:
+                corpus = obj.get("corpus", 0)
+                if isinstance(corpus, bool) or not isinstance(corpus, int) or corpus < 0:
+                    raise DataError(f"{where}: corpus must be an integer >= 0, got {corpus!r}")
+                if docid in index:
+                    raise DataError(f"{where}: docid {docid!r} already used on line {docs[index[docid]]['line']}")
+                index[docid] = len(docs)
+                docs.append({"docid": docid, "text": body, "corpus": corpus, "line": ln})
+            else:
+                split = obj.get("split")
+                if split not in (None, "train", "test"):
+                    raise DataError(f"{where}: split must be \"train\" or \"test\", got {split!r}")
+                raw_queries.append((ln, docid, body, split))
+    if not docs:
+        raise DataError(f"{path}: no documents; expected {fmt}")
+    present = sorted({d["corpus"] for d in docs})
+    if present != list(range(len(present))):
+        raise DataError(f"{path}: corpus numbers must be 0, 1, 2, ... without gaps; found {present}")
+    rng = np.random.RandomState(seed)
+    queries = []
+    for ln, docid, text, split in raw_queries:
+        if docid not in index:
+            raise DataError(f"{path}, line {ln}: query for docid {docid!r}, which no document line has")
+        d = index[docid]
+        held_out = rng.rand() < 0.2
+        if docs[d]["corpus"] > 0:
+            split = "test"
+        elif split is None:
+            split = "test" if held_out else "train"
+        shared = (set(_words(text)) & set(_words(docs[d]["text"]))) - _STOPWORDS
+        queries.append({"text": text, "doc": d, "split": split,
+                        "paraphrased": not any(len(w) >= 3 for w in shared)})
+    has_train = {q["doc"] for q in queries if q["split"] == "train"}
+    for i, d in enumerate(docs):
+        d["train_queries"] = i in has_train
+    if not any(q["split"] == "test" for q in queries):
+        raise DataError(f"{path}: no test queries to evaluate on; add queries (\"split\": \"test\")")
+    return CorpusData(path.stem, docs, queries, ByteTokenizer())
+
+
+def _load_corpus(name, seed):
+    if name == "corpus":
+        return corpus_embedded(0)  # one fixed corpus: --seed varies the training only
+    if name.endswith(".jsonl"):
+        return _load_corpus_jsonl(name, 0)  # a fixed train/test split too
+    raise DataError(f"unknown corpus '{name}': use the embedded 'corpus' or a PATH.jsonl file "
+                    f"(documents {{\"docid\", \"text\"}} and queries {{\"query\", \"docid\"}}, one per line)")
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- image files: read_image / write_image (owlvit helper)
+# PPM (binary P6, maxval 255) and PNG (8-bit gray, gray+alpha, RGB, RGBA, palette; non-interlaced), with
+# numpy and zlib only. read_image returns uint8 (H, W, 3): gray is repeated, alpha dropped.
+
+import struct  # noqa: E402  (this section's)
+import zlib  # noqa: E402
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+def _read_ppm(raw, path):
+    fields, pos = [], 2
+    while len(fields) < 3:  # width, height, maxval; whitespace and # comments between them
+        while pos < len(raw) and raw[pos:pos + 1].isspace():
+            pos += 1
+        if raw[pos:pos + 1] == b"#":
+            pos = raw.find(b"\n", pos) + 1 or len(raw)
+            continue
+        start = pos
+        while pos < len(raw) and raw[pos:pos + 1].isdigit():
+            pos += 1
+        if start == pos:
+            raise DataError(f"{path}: broken PPM header")
+        fields.append(int(raw[start:pos]))
+    w, h, maxval = fields
+    if maxval != 255:
+        raise DataError(f"{path}: PPM with maxval {maxval}; only 8-bit (255) is supported")
+    pixels = raw[pos + 1:pos + 1 + w * h * 3]  # one whitespace byte ends the header
+    if len(pixels) != w * h * 3:
+        raise DataError(f"{path}: PPM is truncated ({len(pixels)} of {w * h * 3} pixel bytes)")
+    return np.frombuffer(pixels, np.uint8).reshape(h, w, 3).copy()
+
+
+def _unfilter_png(data, h, w, bpp):
+    """Undo the per-row PNG filters (0 none, 1 sub, 2 up, 3 average, 4 Paeth) -> uint8 (h, w * bpp)."""
+    stride = w * bpp
+    rows = np.frombuffer(data, np.uint8)
+    if len(rows) < h * (stride + 1):
+        raise DataError("PNG image data is truncated")
+    rows = rows[:h * (stride + 1)].reshape(h, stride + 1)
+    out = np.zeros((h, stride), np.uint8)
+    prev = np.zeros(stride, np.int32)
+    for y in range(h):
+        f, line = rows[y, 0], rows[y, 1:].astype(np.int32)
+        if f == 0:
+            cur = line
+        elif f == 1:  # sub: a running sum per channel
+            cur = np.cumsum(line.reshape(w, bpp), axis=0).reshape(-1) & 255
+        elif f == 2:
+            cur = (line + prev) & 255
+        elif f in (3, 4):  # average / Paeth depend on the reconstructed left pixel: pixel by pixel
+            cur = line.copy()
+            for x in range(0, stride, bpp):
+                a = cur[x - bpp:x] if x else np.zeros(bpp, np.int32)
+                b = prev[x:x + bpp]
+                if f == 3:
+                    cur[x:x + bpp] = (cur[x:x + bpp] + (a + b) // 2) & 255
+                else:
+                    c = prev[x - bpp:x] if x else np.zeros(bpp, np.int32)
+                    p = a + b - c
+                    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+                    pred = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+                    cur[x:x + bpp] = (cur[x:x + bpp] + pred) & 255
+        else:
+            raise DataError(f"PNG row {y} has an unknown filter type {f}")
+        out[y] = cur
+        prev = cur
+    return out
+
+
+def _read_png(raw, path):
+    pos, chunks, idat = 8, {}, []
+    while pos + 8 <= len(raw):
+        n, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        body = raw[pos + 8:pos + 8 + n]
+        if len(body) != n or zlib.crc32(kind + body) != struct.unpack(">I", raw[pos + 8 + n:pos + 12 + n] or b"\0\0\0\0")[0]:
+            raise DataError(f"{path}: PNG chunk {kind!r} is truncated or fails its CRC")
+        if kind == b"IDAT":
+            idat.append(body)
+        else:
+            chunks.setdefault(kind, body)
+        pos += 12 + n
+        if kind == b"IEND":
+            break
+    if b"IHDR" not in chunks or not idat:
+        raise DataError(f"{path}: PNG without IHDR or image data")
+    w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    if depth != 8 or ctype not in _PNG_CHANNELS or interlace:
+        raise DataError(f"{path}: PNG with bit depth {depth}, colour type {ctype}, interlace {interlace}; "
+                        "supported: 8-bit gray / gray+alpha / RGB / RGBA / palette, non-interlaced")
+    try:
+        data = zlib.decompress(b"".join(idat))
+    except zlib.error as e:
+        raise DataError(f"{path}: PNG image data does not decompress ({e})") from None
+    ch = _PNG_CHANNELS[ctype]
+    px = _unfilter_png(data, h, w, ch).reshape(h, w, ch)
+    if ctype == 3:
+        if b"PLTE" not in chunks:
+            raise DataError(f"{path}: palette PNG without a PLTE chunk")
+        palette = np.frombuffer(chunks[b"PLTE"], np.uint8).reshape(-1, 3)
+        if px.max(initial=0) >= len(palette):
+            raise DataError(f"{path}: palette index beyond the {len(palette)} PLTE entries")
+        return palette[px[..., 0]]
+    if ch <= 2:  # gray (+ alpha)
+        return np.repeat(px[..., :1], 3, axis=2)
+    return px[..., :3].copy()
+
+
+def read_image(path) -> np.ndarray:
+    """An image file -> uint8 (H, W, 3). PPM P6 (maxval 255) or PNG (8-bit; gray, gray+alpha, RGB, RGBA,
+    palette; non-interlaced; alpha is dropped). Anything else raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {path} does not exist")
+    raw = path.read_bytes()
+    if raw[:2] == b"P6":
+        return _read_ppm(raw, path)
+    if raw[:8] == _PNG_MAGIC:
+        return _read_png(raw, path)
+    raise DataError(f"{path}: not a binary PPM (P6) or PNG file; convert it first (e.g. to PNG)")
+
+
+def _png_chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def write_image(path, x) -> None:
+    """uint8 (H, W, 3) (or (H, W) gray; a torch tensor or numpy array) -> PNG (.png) or PPM (.ppm/.pnm),
+    by the file's extension; written atomically."""
+    x = x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, axis=2)
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
+        raise DataError(f"write_image needs uint8 (H, W, 3) or (H, W), got {x.dtype} {x.shape}")
+    path = Path(path)
+    h, w = x.shape[:2]
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        rows = np.concatenate([np.zeros((h, 1), np.uint8), x.reshape(h, w * 3)], axis=1)  # filter 0 per row
+        raw = (_PNG_MAGIC + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+               + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + _png_chunk(b"IEND", b""))
+    elif suffix in (".ppm", ".pnm"):
+        raw = f"P6\n{w} {h}\n255\n".encode() + np.ascontiguousarray(x).tobytes()
+    else:
+        raise DataError(f"{path}: write_image writes .png or .ppm files, not '{suffix}'")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- corruptions: ImageNet-C style, on the device (discrete helper)
+# Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and
+# Perturbations" (ICLR 2019, https://arxiv.org/abs/1903.12261), in torch, on the images' device:
+#   corrupt(x uint8 (B,H,W,C), name, severity 0..5, seed) -> uint8 (B,H,W,C), severity 0 = identity.
+# CORRUPTIONS maps a name to f(x, severity, generator) on float (B,C,H,W) in [0, 1] (unclipped out).
+# Constants per severity 1..5 (pixel values in [0, 1]):
+#   gaussian_noise  std                 .08 .12 .18 .26 .38      ImageNet-C (per pixel: resolution-free)
+#   shot_noise      Poisson photons     60 25 12 5 3             ImageNet-C
+#   impulse_noise   salt-and-pepper     .03 .06 .09 .17 .27      ImageNet-C (share of values, skimage 's&p')
+#   gaussian_blur   sigma (px at 32 px) .4 .6 .7 .8 1            CIFAR-10-C, x H/32 (ImageNet-C: 1 2 3 4 6 at 224)
+#   defocus_blur    disk radius, alias  (.3,.4) (.4,.5) (.5,.6) (1,.2) (1.5,.1)  CIFAR-10-C, both x H/32
+#   contrast        c: (x-m) c + m      .4 .3 .2 .1 .05          ImageNet-C, m = per-channel image mean
+#   brightness      HSV value + c       .1 .2 .3 .4 .5           ImageNet-C
+#   pixelate        down-scale factor   .6 .5 .4 .3 .25          ImageNet-C (PIL BOX down and up)
+#   jpeg            quality             25 18 15 10 7            ImageNet-C (8x8 DCT of YCbCr, IJG tables, 4:2:0)
+# Differences from the numpy/PIL/OpenCV originals: results are rounded (not truncated) to uint8; blur borders
+# replicate (gaussian) or reflect (defocus), as skimage/OpenCV do; pixelate is PIL's BOX resampling (within 1
+# of PIL in 8 bits); JPEG up-samples chroma by repetition (libjpeg: a triangle filter) and has no entropy
+# coding (lossless anyway): its error is within ~0.5/255 (mean) of PIL's at these qualities.
+# Random numbers come from a generator on the images' device seeded with `seed`: the same seed gives the
+# same images on one device (CPU and CUDA draw different numbers).
+
+import math  # noqa: E402  (this section's)
+
+import torch.nn.functional as F  # noqa: E402
+
+_CORRUPT_CHUNK = 1024  # images per pass (memory); fixed, so the random stream does not depend on it
+
+
+def _gaussian_noise(x, s, g):
+    return x + [.08, .12, .18, .26, .38][s - 1] * torch.randn(x.shape, generator=g, device=x.device)
+
+
+def _shot_noise(x, s, g):
+    c = [60, 25, 12, 5, 3][s - 1]
+    return torch.poisson(x.clamp(0, 1) * c, generator=g) / c
+
+
+def _impulse_noise(x, s, g):
+    c = [.03, .06, .09, .17, .27][s - 1]
+    flipped = torch.rand(x.shape, generator=g, device=x.device) < c  # this share of the values ...
+    salt = torch.rand(x.shape, generator=g, device=x.device) < 0.5  # ... half of them to 1, half to 0
+    return torch.where(flipped, salt.to(x.dtype), x)
+
+
+def _filter(x, kernel, mode):
+    """Each channel convolved with one 2-D kernel (kh, kw) of odd sides, borders padded by `mode`."""
+    B, C, H, W = x.shape
+    kh, kw = kernel.shape
+    x = F.pad(x.reshape(B * C, 1, H, W), (kw // 2, kw // 2, kh // 2, kh // 2), mode=mode)
+    return F.conv2d(x, kernel[None, None].to(x)).reshape(B, C, H, W)
+
+
+def _gaussian_kernel(sigma, device):
+    radius = int(4 * sigma + 0.5)  # skimage / scipy truncate=4
+    t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    return k / k.sum()  # (2r+1,)
+
+
+def _gaussian_blur(x, s, g):
+    k = _gaussian_kernel([.4, .6, .7, .8, 1.0][s - 1] * x.shape[-1] / 32, x.device)
+    x = _filter(x, k[None, :], "replicate")  # separable: rows, then columns
+    return _filter(x, k[:, None], "replicate")
+
+
+def _defocus_blur(x, s, g):
+    radius, alias = [(.3, .4), (.4, .5), (.5, .6), (1, .2), (1.5, .1)][s - 1]
+    radius, alias = radius * x.shape[-1] / 32, alias * x.shape[-1] / 32
+    half = math.ceil(radius) + 1  # a zero border, so the alias blur keeps the kernel's sum
+    t = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)
+    disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).float()
+    disk = disk / disk.sum()  # (2h+1, 2h+1) the aliased disk
+    a = torch.exp(-torch.arange(-1.0, 2.0, device=x.device) ** 2 / (2 * alias ** 2))
+    a = a / a.sum()  # OpenCV GaussianBlur(ksize=3, sigma=alias) of the disk kernel
+    disk = F.conv2d(disk[None, None], (a[:, None] * a[None, :])[None, None], padding=1)[0, 0]
+    return _filter(x, disk, "reflect")
+
+
+def _contrast(x, s, g):
+    m = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    return (x - m) * [.4, .3, .2, .1, .05][s - 1] + m
+
+
+def _brightness(x, s, g):
+    """HSV value V = max(r, g, b) raised by c (clipped at 1) with hue and saturation kept: rgb scales by V'/V."""
+    v = x.amax(dim=1, keepdim=True)  # (B, 1, H, W)
+    v2 = (v + [.1, .2, .3, .4, .5][s - 1]).clamp(max=1)
+    return torch.where(v > 0, x * v2 / v.clamp_min(1e-12), v2)  # black (s = 0) becomes grey v2
+
+
+def _box_matrix(n_in, n_out, device):
+    """PIL's BOX resampling along one axis as an (n_out, n_in) matrix: output pixel i averages the input pixels
+    whose centres fall in its box [i, i+1) * n_in/n_out (down-sampling); up-sampling takes the nearest pixel."""
+    scale = n_in / n_out
+    fs = max(scale, 1.0)  # PIL filterscale; the box's support is 0.5 * fs either side of the centre
+    center = (torch.arange(n_out, dtype=torch.float64)[:, None] + 0.5) * scale  # (n_out, 1)
+    j = torch.arange(n_in, dtype=torch.float64)[None, :]  # (1, n_in)
+    t = (j + 0.5 - center) / fs
+    lo, hi = torch.floor(center - 0.5 * fs + 0.5), torch.floor(center + 0.5 * fs + 0.5)  # PIL's xmin, xmax
+    w = ((t > -0.5) & (t <= 0.5) & (j >= lo) & (j < hi)).double()
+    return (w / w.sum(1, keepdim=True)).float().to(device)
+
+
+def _pixelate(x, s, g):
+    """PIL BOX down to int(side * c), then BOX (= nearest) back up, with 8-bit rounding in between (as PIL)."""
+    H, W = x.shape[-2:]
+    c = [.6, .5, .4, .3, .25][s - 1]
+    h, w = max(1, int(H * c)), max(1, int(W * c))
+    small = _box_matrix(H, h, x.device) @ x @ _box_matrix(W, w, x.device).T  # (B, C, h, w)
+    small = (small * 255).round() / 255
+    return _box_matrix(h, H, x.device) @ small @ _box_matrix(w, W, x.device).T  # (B, C, H, W)
+
+
+_JPEG_LUMA = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+              14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+              49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]  # JPEG Annex K.1
+_JPEG_CHROMA = [17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
+                47, 66, 99, 99, 99, 99, 99, 99] + [99] * 32  # Annex K.2
+
+
+def jpeg_table(base, quality):
+    """IJG (libjpeg) quality scaling: 5000/q below 50, 200 - 2q above; entries floor((t s + 50) / 100) in [1, 255]."""
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    t = torch.tensor(base, dtype=torch.float64).reshape(8, 8)
+    return ((t * scale + 50) // 100).clamp(1, 255).float()  # (8, 8)
+
+
+def _dct_matrix(device):
+    """Orthonormal 8-point DCT-II: D[k, n] = a_k cos(pi (2n+1) k / 16); the 2-D JPEG FDCT is D X D^T."""
+    n = torch.arange(8, dtype=torch.float64)
+    d = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / 16) * math.sqrt(2 / 8)
+    d[0] = math.sqrt(1 / 8)
+    return d.float().to(device)  # (8, 8)
+
+
+def _jpeg_plane(p, table, d):
+    """One plane (B, h, w), h and w multiples of 8, level-shifted: block DCT, quantise, dequantise, inverse."""
+    B, h, w = p.shape
+    blocks = p.reshape(B, h // 8, 8, w // 8, 8).transpose(2, 3)  # (B, h/8, w/8, 8, 8)
+    coef = d @ blocks @ d.T  # (B, h/8, w/8, 8, 8)
+    coef = torch.round(coef / table) * table
+    return (d.T @ coef @ d).transpose(2, 3).reshape(B, h, w)
+
+
+def jpeg(x, quality, subsample=True):
+    """JPEG compression of float images (B, C, H, W) in [0, 1] at an IJG quality (C 1: grey, C 3: YCbCr)."""
+    B, C, H, W = x.shape
+    m = 16 if subsample and C == 3 else 8
+    x = F.pad(x, (0, -W % m, 0, -H % m), mode="replicate") * 255  # (B, C, H', W') whole blocks
+    d = _dct_matrix(x.device)
+    luma, chroma = jpeg_table(_JPEG_LUMA, quality).to(x.device), jpeg_table(_JPEG_CHROMA, quality).to(x.device)
+    if C == 1:
+        y = _jpeg_plane(x[:, 0] - 128, luma, d) + 128
+        return (y[:, None] / 255)[..., :H, :W]
+    r, g_, b = x.unbind(1)  # JFIF RGB -> YCbCr
+    y = 0.299 * r + 0.587 * g_ + 0.114 * b
+    cb = -0.168736 * r - 0.331264 * g_ + 0.5 * b + 128
+    cr = 0.5 * r - 0.418688 * g_ - 0.081312 * b + 128
+    y = _jpeg_plane(y - 128, luma, d) + 128
+    chans = []
+    for c in (cb, cr):
+        if subsample:  # 4:2:0: chroma at half resolution (2x2 means), back up by repetition
+            c = F.avg_pool2d(c[:, None], 2)[:, 0]
+        c = _jpeg_plane(c - 128, chroma, d) + 128
+        chans.append(c.repeat_interleave(2, 1).repeat_interleave(2, 2) if subsample else c)
+    cb, cr = chans
+    rgb = torch.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
+                       y + 1.772 * (cb - 128)], dim=1)  # (B, 3, H', W')
+    return (rgb / 255)[..., :H, :W]
+
+
+def _jpeg(x, s, g):
+    return jpeg(x.clamp(0, 1), [25, 18, 15, 10, 7][s - 1])
+
+
+CORRUPTIONS = {
+    "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
+    "gaussian_blur": _gaussian_blur, "defocus_blur": _defocus_blur, "contrast": _contrast,
+    "brightness": _brightness, "pixelate": _pixelate, "jpeg": _jpeg,
+}
+
+
+def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
+    """Apply one corruption at severity 1..5 (0: the images unchanged) to uint8 images (B, H, W, C) on any
+    device; returns uint8 (B, H, W, C) on the same device. The same seed gives the same result."""
+    if name not in CORRUPTIONS:
+        raise DataError(f"unknown corruption '{name}': choose one of {', '.join(CORRUPTIONS)}")
+    if not isinstance(severity, int) or not 0 <= severity <= 5:
+        raise DataError(f"corruption severity must be an integer 0..5, got {severity!r}")
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise DataError(f"corrupt() takes uint8 images (B, H, W, C), got {x.dtype} {tuple(x.shape)}")
+    if severity == 0:
+        return x.clone()
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    out = torch.empty_like(x)
+    for i in range(0, len(x), _CORRUPT_CHUNK):
+        xf = x[i:i + _CORRUPT_CHUNK].permute(0, 3, 1, 2).float() / 255  # (b, C, H, W) in [0, 1]
+        y = CORRUPTIONS[name](xf, severity, g)
+        out[i:i + _CORRUPT_CHUNK] = (y.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return out
