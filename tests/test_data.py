@@ -422,8 +422,10 @@ def test_load_errors():
         data.load("imagenet")
     with pytest.raises(DataError, match="text"):
         data.load("stdlib")
-    with pytest.raises(DataError, match="not available"):
+    with pytest.raises(DataError, match="unknown text data 'shapes'"):
         data.load("shapes", kind="text")
+    with pytest.raises(DataError, match="unknown data kind"):
+        data.load("shapes", kind="video")
     with pytest.raises(DataError):
         data.load("shapes", image_size=4)
 
