@@ -554,7 +554,10 @@ def main(argv=None):
         logs = [l for l in (out / "log.jsonl").read_text().splitlines() if json.loads(l)["step"] <= step] \
             if ckpt and (out / "log.jsonl").exists() else []
         (out / "log.jsonl").write_text("".join(l + "\n" for l in logs))
-    log(f"{args.model}: {n_params:,} parameters | data {data_name} ({len(getattr(data, 'x_train', []))} train) | "
+    size = (f"{len(data.x_train):,} train images" if hasattr(data, "x_train") else
+            f"{data.n_train_docs:,} train documents, {len(data.train):,} tokens" if hasattr(data, "n_train_docs") else
+            f"{data.num_docs:,} documents, {len(data.queries):,} queries" if hasattr(data, "num_docs") else "")
+    log(f"{args.model}: {n_params:,} parameters | data {data_name} ({size}) | "
         f"{device.type} {dtype}{' compiled' if use_compile else ''} | {world} process(es){' fsdp' if args.fsdp else ''} | "
         f"batch {bs} x {steps} steps, lr {hp['lr']} | out {out}")
 
@@ -588,7 +591,10 @@ def main(argv=None):
         lr = lr_at(step, hp["lr"], hp["warmup"], steps)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        batch = next(it)
+        try:
+            batch = next(it)
+        except ValueError as e:  # the model file's check of data against config (e.g. a vocabulary too small)
+            raise UsageError(str(e))
         mine = split_batch(batch, world, rank)  # this process's rows of the global batch
         forward_backward(mine, window)
         if hp["sam"]:  # SAM: the gradient at the worst nearby point w + rho g/|g| updates w
