@@ -11,6 +11,7 @@ It knows nothing of any paper. A model file (vit.py, ...) provides
     Model(cfg)        the nn.Module
 and optionally
     TRAIN             dict of default steps / batch_size / lr / warmup / weight_decay / clip / eval_every
+    TRAIN_BY_STAGE    stage -> dict of TRAIN overrides, for a Config with a `stage` field
     DATA              "images" (default), "text" or "corpus": the kind of data.load() it needs
     batches(data, cfg, split, batch_size, step=0, seed=0) -> iterator of dict batches
                       (train: endless, the batch of step s a pure function of (seed, s); test: one pass)
@@ -327,7 +328,7 @@ def corruption_benchmark(models, data, seed, log):
     """Accuracy of every model on the clean test set and on each corruption x severity 1..5, all models on
     the same corrupted images; mCE (ImageNet-C): per corruption the summed error over severities, divided by
     the baseline's (the last model), averaged over corruptions, x 100. Relative mCE subtracts clean errors."""
-    acc = {name: {"clean": [fn(m, data, cfg)["test_acc"]]} for name, (m, cfg, fn) in models.items()}
+    acc = {name: {"clean": [fn(m, data, cfg)["test_acc"]]} for name, (m, cfg, fn) in models.items()}  # (checked first)
     for c in datasets.CORRUPTIONS:
         for s in range(1, 6):
             corrupted = dataclasses.replace(data, x_test=datasets.corrupt(data.x_test, c, s, seed))
@@ -345,9 +346,12 @@ def corruption_benchmark(models, data, seed, log):
             berr = {c: [1 - x for x in v] for c, v in base.items()}
             bclean = berr.pop("clean")[0]
             ce = {c: sum(e) / max(1e-9, sum(berr[c])) for c, e in err.items()}
-            rce = {c: sum(x - clean_err for x in e) / max(1e-9, sum(x - bclean for x in berr[c])) for c, e in err.items()}
-            r.update(mCE=100 * sum(ce.values()) / len(ce), relative_mCE=100 * sum(rce.values()) / len(rce),
-                     CE={c: 100 * v for c, v in ce.items()})
+            # relative CE is defined only where the baseline degrades at all (else it divides by ~0)
+            rce = {c: sum(x - clean_err for x in e) / sum(x - bclean for x in berr[c])
+                   for c, e in err.items() if sum(x - bclean for x in berr[c]) > 0}
+            r.update(mCE=100 * sum(ce.values()) / len(ce), CE={c: 100 * v for c, v in ce.items()},
+                     relative_mCE=100 * sum(rce.values()) / len(rce) if rce else float("nan"),
+                     relative_mCE_over=sorted(rce))
         res[name] = r
     return res
 
@@ -387,6 +391,10 @@ def infer(args, mod, overrides, device):
     log(f"{args.model}: {len(data.x_test)} test images of {data_name}, {len(datasets.CORRUPTIONS)} corruptions x 5 severities"
         f"{' vs the baseline ' + args.baseline if args.baseline else ''}")
     with torch.no_grad(), amp:
+        for name, (m, c, fn) in models.items():
+            if "test_acc" not in fn(m, dataclasses.replace(data, x_test=data.x_test[:2], y_test=data.y_test[:2]), c):
+                raise UsageError(f"--eval corruptions needs an image classifier; {args.init if name == args.model else args.baseline}"
+                                 f" is not one (its evaluate() reports no test_acc{', stage ' + c.stage if hasattr(c, 'stage') else ''})")
         res = corruption_benchmark(models, data, args.seed or 0, log)
     results = {"model": args.model, "checkpoint": str(source), "data": data_name, "test_images": len(data.x_test),
                **res[args.model]}
@@ -442,7 +450,7 @@ def main(argv=None):
         ckpt = load_checkpoint(out, args.model)
     elif (out / "ckpt.pt").exists() and not args.overwrite:
         raise UsageError(f"{out}/ckpt.pt exists: pass --resume to continue it, --overwrite to start afresh, or --out DIR")
-    hp = dict(DEFAULTS, **getattr(mod, "TRAIN", {}))
+    hp = dict(DEFAULTS, **getattr(mod, "TRAIN", {}), **getattr(mod, "TRAIN_BY_STAGE", {}).get(getattr(cfg, "stage", None), {}))
     if ckpt:
         hp.update(ckpt["train"])
         data_name = args.data or ckpt["data"]
