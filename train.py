@@ -450,7 +450,7 @@ def main(argv=None):
         ckpt = load_checkpoint(out, args.model)
     elif (out / "ckpt.pt").exists() and not args.overwrite:
         raise UsageError(f"{out}/ckpt.pt exists: pass --resume to continue it, --overwrite to start afresh, or --out DIR")
-    hp = dict(DEFAULTS, **getattr(mod, "TRAIN", {}), **getattr(mod, "TRAIN_BY_STAGE", {}).get(getattr(cfg, "stage", None), {}))
+    hp = {**DEFAULTS, **getattr(mod, "TRAIN", {}), **getattr(mod, "TRAIN_BY_STAGE", {}).get(getattr(cfg, "stage", None), {})}
     if ckpt:
         hp.update(ckpt["train"])
         data_name = args.data or ckpt["data"]
