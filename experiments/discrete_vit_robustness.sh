@@ -2,14 +2,14 @@
 # Discrete ViT miniature (Mao et al. 2022): ViT vs "discrete only" vs the concat fusion, equal steps, on `shapes`
 # (32 px, 10 classes); clean accuracy, accuracy under 9 ImageNet-C-style corruptions x 5 severities, and mCE
 # relative to the ViT of the same seed. One stage-1 tokenizer (seed 0) is shared by every discrete run.
-#   bash experiments/discrete_vit_robustness.sh [OUT_DIR]        (~1 h on a busy 2-core CPU, 2 runs at a time)
+#   bash experiments/discrete_vit_robustness.sh [OUT_DIR]        (~1 h on a 2-core CPU, 2 runs at a time)
 # Knobs (environment): TOK_STEPS, STEPS, BATCH, SEEDS, EVAL_SAMPLES (test images per corruption), JOBS, DATA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/discrete_vit_robustness}
 TOK_STEPS=${TOK_STEPS:-800}
-STEPS=${STEPS:-1000}
-BATCH=${BATCH:-64}
+STEPS=${STEPS:-2000}
+BATCH=${BATCH:-128}
 SEEDS=${SEEDS:-"0 1"}
 EVAL_SAMPLES=${EVAL_SAMPLES:-2000}
 JOBS=${JOBS:-2}
