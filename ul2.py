@@ -22,7 +22,7 @@ a learned relative position bias (log-spaced buckets) computed once per stack an
 gated-GELU feed-forward (gated-SiLU for UL2-20B), one embedding shared by encoder and decoder, an untied
 output head. `from_hf` loads Hugging Face T5 v1.1 / UL2 folders (config.json + safetensors shards).
 
-Train:     python train.py ul2                         (Python's docstrings, 1000 steps; 26 min on a shared 2-core CPU)
+Train:     python train.py ul2                         (Python's docstrings, 1000 steps; ~2 min on 2 CPU cores)
 Generate:  python train.py ul2 --out out/ul2-stdlib --predict "[S] Return the number of"   (or "[R] a <extra_id_0> c")
 Ablate:    python train.py ul2 --mixture R1 --mode_tokens false       (T5 span corruption only)
 """
