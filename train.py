@@ -328,23 +328,29 @@ def corruption_benchmark(models, data, seed, log):
     """Accuracy of every model on the clean test set and on each corruption x severity 1..5, all models on
     the same corrupted images; mCE (ImageNet-C): per corruption the summed error over severities, divided by
     the baseline's (the last model), averaged over corruptions, x 100. Relative mCE subtracts clean errors."""
-    acc = {name: {"clean": [fn(m, data, cfg)["test_acc"]]} for name, (m, cfg, fn) in models.items()}  # (checked first)
+    acc = {}
+    for name, (m, cfg, fn) in models.items():
+        clean = fn(m, data, cfg)
+        if "test_acc" not in clean:
+            raise UsageError(f"--eval corruptions needs an image classifier; {name} is not one "
+                             f"(its evaluate() reports no test_acc{', stage ' + cfg.stage if hasattr(cfg, 'stage') else ''})")
+        acc[name] = {"clean": [clean["test_acc"]]}
     for c in datasets.CORRUPTIONS:
         for s in range(1, 6):
             corrupted = dataclasses.replace(data, x_test=datasets.corrupt(data.x_test, c, s, seed))
             for name, (m, cfg, fn) in models.items():
                 acc[name].setdefault(c, []).append(fn(m, corrupted, cfg)["test_acc"])
         log(f"{c:>16}: " + " | ".join(f"{name} " + " ".join(f"{a:.3f}" for a in acc[name][c]) for name in acc))
-    base = acc[list(models)[-1]]
+    errors = {name: {c: [1 - x for x in v] for c, v in a.items()} for name, a in acc.items()}
+    berr = errors[list(models)[-1]]
+    bclean = berr["clean"][0]
     res = {}
     for name, a in acc.items():
-        err = {c: [1 - x for x in v] for c, v in a.items()}
-        clean_err = err.pop("clean")[0]
+        err = {c: e for c, e in errors[name].items() if c != "clean"}
+        clean_err = errors[name]["clean"][0]
         r = {"clean_acc": a["clean"][0], "corrupted_acc": sum(map(sum, map(a.get, err))) / (5 * len(err)),
              "acc": {c: v for c, v in a.items() if c != "clean"}}
         if len(models) > 1:
-            berr = {c: [1 - x for x in v] for c, v in base.items()}
-            bclean = berr.pop("clean")[0]
             ce = {c: sum(e) / max(1e-9, sum(berr[c])) for c, e in err.items()}
             # relative CE is defined only where the baseline degrades at all (else it divides by ~0)
             rce = {c: sum(x - clean_err for x in e) / sum(x - bclean for x in berr[c])
@@ -391,10 +397,6 @@ def infer(args, mod, overrides, device):
     log(f"{args.model}: {len(data.x_test)} test images of {data_name}, {len(datasets.CORRUPTIONS)} corruptions x 5 severities"
         f"{' vs the baseline ' + args.baseline if args.baseline else ''}")
     with torch.no_grad(), amp:
-        for name, (m, c, fn) in models.items():
-            if "test_acc" not in fn(m, dataclasses.replace(data, x_test=data.x_test[:2], y_test=data.y_test[:2]), c):
-                raise UsageError(f"--eval corruptions needs an image classifier; {args.init if name == args.model else args.baseline}"
-                                 f" is not one (its evaluate() reports no test_acc{', stage ' + c.stage if hasattr(c, 'stage') else ''})")
         res = corruption_benchmark(models, data, args.seed or 0, log)
     results = {"model": args.model, "checkpoint": str(source), "data": data_name, "test_images": len(data.x_test),
                **res[args.model]}

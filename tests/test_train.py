@@ -240,3 +240,27 @@ def test_predict_and_eval_need_weights_and_a_hook(tmp_path, npz):
     assert p.returncode == 2 and "has no predict()" in p.stderr
     p = run("vit", "--eval", "corruptions", check=False)
     assert p.returncode == 2 and "--init CKPT" in p.stderr
+
+
+def test_corruption_benchmark_mce_by_hand(monkeypatch):
+    """Two corruptions; each 'image' carries a code (10 * severity + corruption index) that the fake models map to
+    an accuracy, so mCE and relative mCE can be worked out by hand."""
+    import data as datasets
+    monkeypatch.setattr(datasets, "CORRUPTIONS", {"a": None, "b": None})
+    monkeypatch.setattr(datasets, "corrupt", lambda x, c, s, seed: torch.full_like(x, 10 * s + "ab".index(c)))
+    clean = datasets.ImageData("t", torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
+                               torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), ["x"])
+    def model(clean_acc, a_acc, b_acc):  # corruption a: the same accuracy at every severity; b likewise
+        table = {0: clean_acc, **{10 * s: a_acc for s in range(1, 6)}, **{10 * s + 1: b_acc for s in range(1, 6)}}
+        return lambda m, data, cfg: {"test_acc": table[int(data.x_test.flatten()[0])]}
+    models = {"m": (None, None, model(0.9, 0.8, 0.5)), "baseline": (None, None, model(0.8, 0.6, 0.8))}
+    res = train.corruption_benchmark(models, clean, 0, lambda *a: None)
+    m = res["m"]
+    assert m["clean_acc"] == 0.9 and m["corrupted_acc"] == pytest.approx(0.65)
+    # CE_a = 5 x 0.2 / (5 x 0.4) = 0.5, CE_b = 5 x 0.5 / (5 x 0.2) = 2.5 -> mCE 150
+    assert m["mCE"] == pytest.approx(150.0) and res["baseline"]["mCE"] == pytest.approx(100.0)
+    # relative: only a (the baseline does not degrade on b): (0.2 - 0.1) / (0.4 - 0.2) = 0.5
+    assert m["relative_mCE"] == pytest.approx(50.0) and m["relative_mCE_over"] == ["a"]
+    bad = {"tokenizer": (None, None, lambda m, data, cfg: {"test_mse": 0.1})}
+    with pytest.raises(train.UsageError, match="needs an image classifier"):
+        train.corruption_benchmark(bad, clean, 0, lambda *a: None)
